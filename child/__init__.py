@@ -1,0 +1,10 @@
+"""What runs inside a sandbox-runtime child process.
+
+This package imports neither ``redis`` nor ``bullmq``: everything a processor asks of Redis goes
+through the supervisor over the pipe. Processors may import the names below.
+"""
+
+from .abort import AbortError, AbortSignal
+from .errors import JobTerminated, UnrecoverableError
+
+__all__ = ["AbortError", "AbortSignal", "JobTerminated", "UnrecoverableError"]
