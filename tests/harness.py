@@ -1,0 +1,96 @@
+"""Running a Supervisor inside a test, and reading what BullMQ ended up holding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, AsyncIterator, Iterable
+
+import bullmq
+
+from sandbox_runtime import (
+    Config,
+    EscalationSettings,
+    QueueConfig,
+    RedisSettings,
+    SandboxSettings,
+    Supervisor,
+    SupervisorSettings,
+)
+
+FINAL_STATES = ("completed", "failed")
+
+
+def queue_config(name: str, processor: Any, **options: Any) -> QueueConfig:
+    """Build a QueueConfig; ``escalation`` and ``sandbox`` may be given as dicts."""
+    if isinstance(options.get("escalation"), dict):
+        options["escalation"] = EscalationSettings(**options["escalation"])
+    if isinstance(options.get("sandbox"), dict):
+        options["sandbox"] = SandboxSettings(**options["sandbox"])
+    return QueueConfig(name=name, processor=processor, **options)
+
+
+@contextlib.asynccontextmanager
+async def supervised(redis_url: str, *queues: QueueConfig, prefix: str = "bull", **settings: Any) -> AsyncIterator[Supervisor]:
+    """Run a Supervisor for the block; stop it (as configured) on the way out."""
+    settings.setdefault("shutdown", "cancel")
+    settings.setdefault("shutdown_timeout_s", 5.0)
+    config = Config(queues=queues, redis=RedisSettings(url=redis_url, prefix=prefix), supervisor=SupervisorSettings(**settings))
+    supervisor = Supervisor(config)
+    await supervisor.start()
+    try:
+        yield supervisor
+    finally:
+        await supervisor.stop()
+
+
+@contextlib.asynccontextmanager
+async def bull_queue(redis_url: str, name: str, prefix: str = "bull") -> AsyncIterator[bullmq.Queue]:
+    queue = bullmq.Queue(name, {"connection": redis_url, "prefix": prefix})
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+async def add_job(queue: bullmq.Queue, data: Any = None, *, name: str = "job", **opts: Any) -> str:
+    job = await queue.add(name, data if data is not None else {}, opts)
+    return str(job.id)
+
+
+async def wait_for_state(queue: bullmq.Queue, job_id: str, states: Iterable[str] = FINAL_STATES, timeout: float = 20.0) -> bullmq.Job:
+    """Poll Redis until the job is in one of ``states``; return the job as stored."""
+    wanted = tuple(states)
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = await queue.getJobState(job_id)
+        if state in wanted:
+            job = await bullmq.Job.fromId(queue, job_id)
+            assert job is not None
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} was still {state!r} after {timeout} s, expected one of {wanted}")
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0, message: str = "condition") -> Any:
+    """Poll ``predicate()`` (sync or async) until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{message} not reached within {timeout} s")
+
+
+async def job_logs(queue: bullmq.Queue, job_id: str) -> list[str]:
+    result = await queue.getJobLogs(job_id)
+    return list(result["logs"])
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
