@@ -89,6 +89,9 @@ class QueueRunner:
 
     async def wait_closed(self) -> None:
         if self._close_task is not None:
+            while not self._close_task.done():
+                self._interrupt_blocking_fetch()
+                await asyncio.wait({self._close_task}, timeout=0.05)
             await self._close_task
         if self._run_task is not None:
             try:
@@ -96,6 +99,14 @@ class QueueRunner:
             except (asyncio.TimeoutError, Exception) as exc:
                 logger.debug("worker loop of queue %s ended with %r", self.name, exc)
         await self.pool.close()
+
+    def _interrupt_blocking_fetch(self) -> None:
+        # bullmq 3.4.4's Worker.close() cancels the blocking BZPOPMIN only if it has already
+        # started. A fetch task that starts its BZPOPMIN just after close() then blocks close()
+        # for as long as Redis lets it, so keep cancelling until close() is done.
+        waiting = getattr(self.worker, "waiting", None)
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
 
     # Cancel requests.
 

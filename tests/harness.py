@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import time
 from typing import Any, AsyncIterator, Iterable
 
@@ -92,5 +94,26 @@ async def job_logs(queue: bullmq.Queue, job_id: str) -> list[str]:
     return list(result["logs"])
 
 
-def run(coroutine: Any) -> Any:
-    return asyncio.run(coroutine)
+SCENARIO_TIMEOUT_S = float(os.environ.get("SANDBOX_RUNTIME_SCENARIO_TIMEOUT_S", "100"))
+
+
+def run(coroutine: Any, timeout: float = SCENARIO_TIMEOUT_S) -> Any:
+    """Run a test scenario; on timeout, print every pending asyncio task's stack, then fail."""
+    return asyncio.run(_run_bounded(coroutine, timeout))
+
+
+async def _run_bounded(coroutine: Any, timeout: float) -> Any:
+    task = asyncio.ensure_future(coroutine)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task in done:
+        return task.result()
+    dump_path = os.environ.get("SANDBOX_RUNTIME_TASK_DUMP")
+    stream = open(dump_path, "a") if dump_path else sys.stderr
+    for pending in asyncio.all_tasks():
+        if pending is not asyncio.current_task():
+            print(f"--- pending task {pending.get_name()}", file=stream)
+            pending.print_stack(file=stream)
+    if dump_path:
+        stream.close()
+    task.cancel()
+    raise AssertionError(f"test scenario did not finish within {timeout} s; pending tasks printed to stderr")
