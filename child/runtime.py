@@ -41,6 +41,11 @@ MAX_TRACEBACK_CHARS = 64 * 1024
 # Exit status used when the child ends itself because the supervisor is gone.
 EXIT_PARENT_GONE = 70
 
+# Every process the child starts inherits this variable with the child's pid, so the supervisor can
+# recognise a descendant that left the child's process group and lost its parent (a double-forked
+# daemon). A process that clears its environment is not recognised this way.
+TREE_TAG_VARIABLE = "SANDBOX_RUNTIME_CHILD_PID"
+
 
 class ProcessorLoadError(Exception):
     def __init__(self, exc: BaseException, retryable: bool) -> None:
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != args.parent:
         os._exit(EXIT_PARENT_GONE)
+    os.environ[TREE_TAG_VARIABLE] = str(os.getpid())
 
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)
@@ -436,8 +442,12 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def _format_traceback(exc: BaseException) -> str:
+    # The frames of this module say nothing about the processor's failure; start at user code.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
     try:
-        text = "".join(traceback.format_exception(exc))
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
     except Exception:
         text = f"{type(exc).__name__}: {_safe_str(exc)}\n"
     if len(text) > MAX_TRACEBACK_CHARS:

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import child as child_package
 from child import protocol
@@ -116,6 +116,7 @@ class ChildProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pidfd: int | None = None
+        self._sends: set[asyncio.Task[bool]] = set()
 
     @property
     def returncode(self) -> int | None:
@@ -145,7 +146,10 @@ class ChildProcess:
             return False
 
     def send_nowait(self, message: protocol.Message) -> None:
-        asyncio.get_running_loop().create_task(self.send(message))
+        """Queue one frame from synchronous code; frames keep their order."""
+        task = asyncio.get_running_loop().create_task(self.send(message))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
 
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -196,7 +200,8 @@ class ChildProcess:
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):
-            loop.run_in_executor(None, self._wait_blocking)
+            # Kernels before 5.3 have no pidfd: wait in a thread instead.
+            loop.run_in_executor(None, self._wait_blocking, loop)
             return
         loop.add_reader(self._pidfd, self._on_pidfd_readable)
 
@@ -210,9 +215,8 @@ class ChildProcess:
         self._pidfd = None
         self.exited.set()
 
-    def _wait_blocking(self) -> None:
+    def _wait_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
         self.popen.wait()
-        loop = self._loop
         loop.call_soon_threadsafe(self.exited.set)
 
     def kill(self) -> None:
@@ -372,7 +376,6 @@ class ChildPool:
             cgroup.remove()
             cgroup = None
         child = ChildProcess(popen, ProcessTree(popen.pid, cgroup), cgroup, self.queue_name)
-        child._loop = loop  # type: ignore[attr-defined]
         self.children.add(child)
         await child.attach(parent_socket)
         try:
@@ -417,10 +420,6 @@ class ChildPool:
         )
 
 
-def idle_children(pool: ChildPool) -> list[ChildProcess]:
-    return list(pool._idle)
-
-
 def sys_path_for_children(extra: list[str]) -> list[str]:
     """Return the import path entries a child puts first: the supervisor's cwd and ``extra``."""
     entries = [os.getcwd(), *extra]
@@ -429,9 +428,3 @@ def sys_path_for_children(extra: list[str]) -> list[str]:
         if entry and entry not in seen:
             seen.append(entry)
     return seen
-
-
-def merge_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    merged = dict(base)
-    merged.update(extra)
-    return merged

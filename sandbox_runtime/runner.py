@@ -149,12 +149,13 @@ class QueueRunner:
         run = JobRun(self, job, token)
         self.runs[run.job_id] = run
         watcher = asyncio.create_task(self._watch_worker_signal(run, signal))
+        outcome: JobOutcome | None = None
         try:
             outcome = await run.execute()
         finally:
             watcher.cancel()
             self.runs.pop(run.job_id, None)
-        self.supervisor.record_outcome(outcome)
+            self.supervisor.record_outcome(outcome)
         _log_outcome(outcome)
         return await self._write_outcome(job, token, outcome)
 

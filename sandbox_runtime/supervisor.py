@@ -46,6 +46,7 @@ class Supervisor:
         self._cgroup_root: CgroupRoot | None = None
         self._stop_requests = 0
         self._stopped = asyncio.Event()
+        self._job_ended = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -159,7 +160,12 @@ class Supervisor:
         except Exception as exc:
             logger.warning("could not remove the cancel record of job %s: %s", job_id, exc)
 
-    def record_outcome(self, outcome: JobOutcome) -> None:
+    def record_outcome(self, outcome: JobOutcome | None) -> None:
+        """Count a finished attempt; None when the attempt ended with an unexpected error."""
+        self._job_ended.set()
+        if outcome is None:
+            self.outcomes["error"] += 1
+            return
         self.outcomes[outcome.state] += 1
         if outcome.last_step.name == "SIGKILL":
             self.outcomes["killed"] += 1
@@ -211,10 +217,15 @@ class Supervisor:
     async def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while any(runner.runs for runner in self.runners.values()):
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 self._cancel_for_shutdown()
                 return
-            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._job_ended.clear()
+            try:
+                await asyncio.wait_for(self._job_ended.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
 
     def _cancel_for_shutdown(self) -> None:
         count = sum(runner.cancel_all(CancelCause.SHUTDOWN, "supervisor is shutting down") for runner in self.runners.values())
