@@ -57,6 +57,7 @@ class Init(Message):
     processor_pickle: str | None = None  # base64 of cloudpickle bytes
     sys_path: list[str] = field(default_factory=list)
     core_dumps: bool = False
+    address_space_limit_mb: int = 0
     no_new_privileges: bool = True
     cgroup_dir: str | None = None
     queue_name: str = ""

@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
 def _apply_process_settings(init: protocol.Init) -> None:
     if not init.core_dumps:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if init.address_space_limit_mb:
+        # Inherited by every process the job starts; each one gets the whole limit for itself.
+        limit = init.address_space_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if init.no_new_privileges:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
     try:

@@ -9,11 +9,14 @@ import signal
 import sys
 from typing import Sequence
 
-from .config import LOG_LEVELS, check_config_main, load_config
+from redis.exceptions import RedisError
+
+from .config import LOG_LEVELS, check_config_main, load_config, redact_url
 from .errors import ConfigError
 
 logger = logging.getLogger("sandbox_runtime")
 
+EXIT_REDIS_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
@@ -74,6 +77,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except (RedisError, OSError) as exc:
+        url = redact_url(args.redis or config.redis.url)
+        print(f"error: could not use Redis at {url}: {exc}; check that it runs and that [redis] url or --redis is right", file=sys.stderr)
+        return EXIT_REDIS_ERROR
 
 
 async def _serve(config, redis_url: str | None) -> int:

@@ -83,6 +83,7 @@ class SandboxSettings:
 
     max_jobs_per_child: int = 0
     memory_limit_mb: int = 0
+    address_space_limit_mb: int = 0
     cpu_time_limit_s: float = 0.0
     start_timeout_s: float = 30.0
     user: str | None = None
@@ -487,6 +488,7 @@ _ESCALATION_FIELDS: dict[str, Validator] = {
 _SANDBOX_FIELDS: dict[str, Validator] = {
     "max_jobs_per_child": _integer(0, example=100),
     "memory_limit_mb": _integer(0, example=512),
+    "address_space_limit_mb": _integer(0, example=4096),
     "cpu_time_limit_s": _number(0, example=60),
     "start_timeout_s": _number(0, exclusive=True, example=30),
     "user": _account(pwd.getpwnam, "user account", example="nobody"),

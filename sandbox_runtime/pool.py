@@ -394,6 +394,7 @@ class ChildPool:
             processor_pickle=base64.b64encode(self.spec.pickled).decode("ascii") if self.spec.pickled is not None else None,
             sys_path=self._sys_path,
             core_dumps=self.sandbox.core_dumps,
+            address_space_limit_mb=self.sandbox.address_space_limit_mb,
             no_new_privileges=True,
             cgroup_dir=str(cgroup.path) if cgroup is not None else None,
             queue_name=self.queue_name,

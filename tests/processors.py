@@ -206,3 +206,9 @@ def dispatch(job, token=None, signal=None):
 
     count = len(inspect.signature(target).parameters)
     return target(*(job, token, signal)[:count])
+
+
+def allocate_mb(job):
+    """Allocate job.data['mb'] MiB at once and return its length."""
+    block = bytearray(job.data["mb"] * 1024 * 1024)
+    return len(block)

@@ -330,3 +330,16 @@ def test_supervisor_keeps_serving_after_failures(redis_url):
                 assert job.returnvalue["data"] == {"n": 3}
 
     run(scenario())
+
+
+def test_address_space_limit_raises_memory_error(redis_url):
+    async def scenario():
+        sandbox = {"address_space_limit_mb": 1024}
+        async with supervised(redis_url, queue_config("q", f"{P}:allocate_mb", sandbox=sandbox)):
+            async with bull_queue(redis_url, "q") as queue:
+                small = await wait_for_state(queue, await add_job(queue, {"mb": 16}))
+                assert small.returnvalue == 16 * 1024 * 1024
+                big = await wait_for_state(queue, await add_job(queue, {"mb": 2048}), ["failed"])
+                assert big.failedReason.startswith("MemoryError")
+
+    run(scenario())
