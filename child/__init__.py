@@ -1,6 +1,6 @@
 """What runs inside a sandbox-runtime child process.
 
-This package imports neither ``redis`` nor ``bullmq``: everything a processor asks of Redis goes
+This package imports neither ``redis`` nor ``bullmq``. Every Redis write a processor requests goes
 through the supervisor over the pipe. Processors may import the names below.
 """
 

@@ -111,7 +111,7 @@ def _run_callback(callback: Callable[[str | None], object], reason: str | None) 
 
 
 class AbortController:
-    """Owner of an AbortSignal; the child runtime holds one per job."""
+    """The owner of an AbortSignal. The child runtime keeps one per job."""
 
     def __init__(self) -> None:
         self.signal = AbortSignal()

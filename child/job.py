@@ -1,7 +1,7 @@
 """The job object a processor receives in the child.
 
 It carries the BullMQ job's fields under BullMQ's names. Its methods send a frame to the supervisor,
-which performs the Redis write; they return at once with an awaitable that is already done, so
+which performs the Redis write. They return at once with an awaitable that is already done, so
 ``job.log("x")`` and ``await job.log("x")`` both work.
 """
 

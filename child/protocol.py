@@ -65,7 +65,7 @@ class Init(Message):
 
 @dataclass(frozen=True)
 class Start(Message):
-    """Run one job. ``job`` holds the BullMQ job fields under BullMQ's names."""
+    """Run one job. ``job`` contains the BullMQ job fields under BullMQ's names."""
 
     kind: ClassVar[str] = "start"
     job: dict[str, Any] = field(default_factory=dict)
@@ -167,7 +167,7 @@ class Completed(Message):
 
 @dataclass(frozen=True)
 class Failed(Message):
-    """The processor raised. ``aborted`` tells whether the job's signal was aborted by then."""
+    """The processor raised. ``aborted`` is True when the job's signal was aborted by then."""
 
     kind: ClassVar[str] = "failed"
     job_id: str = ""

@@ -4,8 +4,8 @@ Threads:
 - the main thread runs each processor call, so SIGTERM (whose Python handler always runs on the main
   thread) can raise ``JobTerminated`` inside the processor;
 - a reader thread receives frames. It aborts a job's signal the moment a cancel arrives, even while
-  the main thread is busy in user code, and it ends the whole process group when the supervisor's
-  end of the socket closes (the supervisor died or retired this child).
+  the main thread is busy in user code. When the supervisor's end of the socket closes (because the
+  supervisor died or retired this child), it ends the whole process group.
 """
 
 from __future__ import annotations
@@ -446,7 +446,7 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def _format_traceback(exc: BaseException) -> str:
-    # The frames of this module say nothing about the processor's failure; start at user code.
+    # The frames of this module are the same for every failure, so the traceback starts at user code.
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next

@@ -30,7 +30,7 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What happened to one attempt of a job; cleanup hooks receive it.
+    """The outcome of one attempt of a job, as cleanup hooks receive it.
 
     ``state`` is ``completed``, ``failed``, ``cancelled`` (stopped by a cancel request of any
     cause), ``handed back`` (returned to waiting for shutdown) or ``abandoned`` (the lock was

@@ -2,7 +2,7 @@
 
 The decision rules:
 - a result the child returns before SIGTERM is sent completes the job, even after a cooperative
-  cancel, because the processor chose to finish; once SIGTERM is sent nothing the child says counts;
+  cancel, because the processor chose to finish. Once SIGTERM is sent, no message of the child counts;
 - a lost lock forbids every write for the attempt, whatever the child did;
 - otherwise a cancel request decides the outcome by its cause, then the child's own report, then
   how the child process ended.
@@ -211,7 +211,13 @@ class JobRun:
         limits = self.runner.config.sandbox
         timeout_s, timeout_label = self._timeout()
         timeout_at = self.started_at + timeout_s if timeout_s else None
-        sample_every = 0.1 if (limits.memory_limit_mb or limits.cpu_time_limit_s) else (0.25 if child.cgroup is None else None)
+        # Limits need frequent samples. Without a cgroup, samples also remember descendants, so that an
+        # orphan re-parented to the supervisor is still known as part of the job.
+        sample_every: float | None = None
+        if limits.memory_limit_mb or limits.cpu_time_limit_s:
+            sample_every = 0.1
+        elif child.cgroup is None:
+            sample_every = 0.25
         next_sample = time.monotonic()
         cpu_at_start = child.tree.cpu_seconds() if limits.cpu_time_limit_s else 0.0
 

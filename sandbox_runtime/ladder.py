@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 
 class CancelCause(enum.Enum):
-    """Why a job is being stopped."""
+    """The reason class of a cancel request."""
 
     USER = "user"
     TIMEOUT = "timeout"
@@ -34,7 +34,7 @@ class Step(enum.IntEnum):
     SIGKILL = 3
 
 
-# Where the ladder starts for each cause. A tree over its memory budget cannot be trusted to
+# The first step of the ladder for each cause. A tree over its memory budget cannot be trusted to
 # clean up (it may allocate more while doing so), so it goes straight to SIGKILL.
 FIRST_STEP = {
     CancelCause.USER: Step.COOPERATIVE,
@@ -73,7 +73,7 @@ class EscalationPolicy:
 
 
 class LadderActions(Protocol):
-    """What the ladder does to the child. Implemented by the supervisor, faked in tests."""
+    """The operations the ladder performs on a child. The supervisor implements them; tests fake them."""
 
     def deliver_cancel(self, reason: str) -> None: ...
 
@@ -147,7 +147,7 @@ class Ladder:
         return None if self.exited else self._deadline
 
     def mark_exited(self) -> None:
-        """The job's process is gone: no further steps."""
+        """Record that the job's process is gone, so no further step is taken."""
         self.exited = True
         self._deadline = None
 

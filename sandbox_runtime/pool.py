@@ -43,7 +43,7 @@ _REDIS_VARIABLE = re.compile("REDIS", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ProcessorSpec:
-    """What a child loads: a ``module:function`` / ``file.py:function`` reference or pickled bytes."""
+    """The processor a child loads: a ``module:function`` or ``file.py:function`` reference, or pickled bytes."""
 
     reference: str | None = None
     pickled: bytes | None = None
@@ -61,7 +61,7 @@ class ProcessorSpec:
 
 
 class ProcessorLoadFailed(Exception):
-    """The child could not load the processor; ``retryable`` says whether another try can help."""
+    """The child could not load the processor. ``retryable`` is False when another try cannot help."""
 
     def __init__(self, exc_type: str, message: str, traceback: str, retryable: bool) -> None:
         super().__init__(f"{exc_type}: {message}")
@@ -342,20 +342,38 @@ class ChildPool:
     async def _spawn(self) -> ChildProcess:
         loop = asyncio.get_running_loop()
         parent_socket, child_socket = socket.socketpair()
-        command = [
-            sys.executable,
-            "-m",
-            "child",
-            "--fd",
-            str(child_socket.fileno()),
-            "--parent",
-            str(os.getpid()),
-        ]
+        command, options = self._popen_arguments(child_socket.fileno())
+        try:
+            popen = await loop.run_in_executor(_SPAWNER, lambda: subprocess.Popen(command, **options))
+        finally:
+            child_socket.close()
+        self.spawned += 1
+
+        cgroup = self._cgroup_root.new_leaf() if self._cgroup_root is not None else None
+        if cgroup is not None and not cgroup.add(popen.pid):
+            cgroup.remove()
+            cgroup = None
+        child = ChildProcess(popen, ProcessTree(popen.pid, cgroup), cgroup, self.queue_name)
+        self.children.add(child)
+        await child.attach(parent_socket)
+
+        try:
+            await self._handshake(child, cgroup)
+        except BaseException:
+            child.kill()
+            await child.wait_exited(5.0)
+            await self._discard(child)
+            raise
+        logger.info("child pid %d started for queue %s (%s)", child.pid, self.queue_name, self.spec.describe())
+        return child
+
+    def _popen_arguments(self, child_fd: int) -> tuple[list[str], dict[str, Any]]:
+        command = [sys.executable, "-m", "child", "--fd", str(child_fd), "--parent", str(os.getpid())]
         options: dict[str, Any] = dict(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            pass_fds=(child_socket.fileno(),),
+            pass_fds=(child_fd,),
             close_fds=True,
             env=self._env,
             cwd="/",
@@ -366,27 +384,7 @@ class ChildPool:
             options["extra_groups"] = []
         if self.sandbox.group is not None:
             options["group"] = self.sandbox.group
-        try:
-            popen = await loop.run_in_executor(_SPAWNER, lambda: subprocess.Popen(command, **options))
-        finally:
-            child_socket.close()
-        self.spawned += 1
-        cgroup = self._cgroup_root.new_leaf() if self._cgroup_root is not None else None
-        if cgroup is not None and not cgroup.add(popen.pid):
-            cgroup.remove()
-            cgroup = None
-        child = ChildProcess(popen, ProcessTree(popen.pid, cgroup), cgroup, self.queue_name)
-        self.children.add(child)
-        await child.attach(parent_socket)
-        try:
-            await self._handshake(child, cgroup)
-        except BaseException:
-            child.kill()
-            await child.wait_exited(5.0)
-            await self._discard(child)
-            raise
-        logger.info("child pid %d started for queue %s (%s)", child.pid, self.queue_name, self.spec.describe())
-        return child
+        return command, options
 
     async def _handshake(self, child: ChildProcess, cgroup: CgroupLeaf | None) -> None:
         init = protocol.Init(

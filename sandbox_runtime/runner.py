@@ -1,8 +1,8 @@
 """One queue: a ``bullmq.Worker`` that pulls jobs and renews their locks, and a pool of children.
 
-The worker's processor never runs user code: it hands the job to a JobRun, which runs it in a child,
-then turns the outcome into what BullMQ expects (a return value, an exception, or a DelayedError
-that tells the worker to write nothing).
+The worker's processor never runs user code. It hands the job to a JobRun, which runs it in a child,
+then turns the outcome into what BullMQ expects: a return value, an exception, or a DelayedError
+after which the worker writes nothing.
 """
 
 from __future__ import annotations

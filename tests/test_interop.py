@@ -66,7 +66,7 @@ PLAIN_WORKER = textwrap.dedent(
 )
 
 
-def test_cpu_bound_job_does_not_stall_in_sandbox_but_does_in_plain_worker(redis_url):
+def test_cpu_bound_job_stalls_only_unsandboxed(redis_url):
     """A pure-Python CPU loop lasting 5 x lock_duration_ms: the sandbox keeps its lock, a plain worker loses it."""
     seconds = 5.0
 

@@ -110,7 +110,7 @@ def test_unrecoverable_error_not_retried(redis_url):
     run(scenario())
 
 
-def test_child_killed_from_outside_is_retried_in_new_child(redis_url, tmp_path):
+def test_killed_child_retried_in_new_child(redis_url, tmp_path):
     async def scenario():
         async with supervised(redis_url, queue_config("q", f"{P}:wait_for_file")) as supervisor:
             async with bull_queue(redis_url, "q") as queue:
