@@ -22,7 +22,7 @@ from child import protocol
 
 from .cleanup import HandedResources, JobOutcome, create_workdir, remove_tree, run_hooks
 from .errors import ChildStartError
-from .ladder import CancelCause, EscalationPolicy, Ladder, Step
+from .ladder import CAUSE_STRENGTH, CancelCause, EscalationPolicy, Ladder, Step
 from .pool import ChildProcess, ProcessorLoadFailed
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class JobRun:
             self.cancel_retryable = retry
         if self.child is None:
             # Not in a child yet: record the request; the attempt ends before user code runs.
-            changed = self.ladder.cause is None or cause != self.ladder.cause
+            current = self.ladder.cause
+            changed = current is None or CAUSE_STRENGTH[cause] > CAUSE_STRENGTH[current]
             if changed:
                 self.ladder.cause, self.ladder.reason = cause, reason
             self._wake.set()
@@ -246,7 +247,7 @@ class JobRun:
                     message = message_task.result()
                     if message is None:
                         # The child closed its end: only its exit remains to be seen.
-                        message_task = asyncio.ensure_future(child.exited.wait())
+                        message_task = asyncio.get_running_loop().create_future()
                     else:
                         message_task = asyncio.ensure_future(child.messages.get())
                         verdict = await self._handle_message(message)

@@ -345,6 +345,10 @@ class ChildPool:
         command, options = self._popen_arguments(child_socket.fileno())
         try:
             popen = await loop.run_in_executor(_SPAWNER, lambda: subprocess.Popen(command, **options))
+        except OSError as exc:
+            parent_socket.close()
+            account = f" as user {self.sandbox.user}" if self.sandbox.user else ""
+            raise ChildStartError(f"could not start {sys.executable}{account}: {exc}") from exc
         finally:
             child_socket.close()
         self.spawned += 1

@@ -123,7 +123,9 @@ class QueueRunner:
         return len(self.runs)
 
     def escalate_all(self) -> None:
+        """SIGKILL every running job at once, as a shutdown: the jobs go back to waiting."""
         for run in list(self.runs.values()):
+            run.request_cancel(CancelCause.SHUTDOWN, "supervisor is shutting down (second stop request)")
             run.escalate_now()
 
     def _on_lock_renewal_failed(self, job_ids: list[str]) -> None:
