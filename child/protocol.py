@@ -179,6 +179,15 @@ class Failed(Message):
 
 
 @dataclass(frozen=True)
+class Retire(Message):
+    """The job left something running in the child (threads), so it must not run another job."""
+
+    kind: ClassVar[str] = "retire"
+    job_id: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class ResultInvalid(Message):
     """The processor returned a value that is not JSON-serialisable."""
 

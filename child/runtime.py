@@ -46,6 +46,13 @@ EXIT_PARENT_GONE = 70
 # daemon). A process that clears its environment is not recognised this way.
 TREE_TAG_VARIABLE = "SANDBOX_RUNTIME_CHILD_PID"
 
+# The signal this child gets when the supervisor's spawning thread ends. After the ladder's SIGTERM
+# the supervisor kills the job's other processes a grace period later. After the supervisor's death
+# no process is left to do that, so this child must. A SIGTERM handler cannot tell the two apart, and
+# neither can getppid(): a SIGKILLed supervisor may first re-parent the child to another of its
+# dying threads.
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN
+
 
 class ProcessorLoadError(Exception):
     def __init__(self, exc: BaseException, retryable: bool) -> None:
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # A parent-death signal ends this child if the supervisor's spawning thread dies. The
     # supervisor spawns from a thread that lives as long as its process does.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
     if os.getppid() != args.parent:
         os._exit(EXIT_PARENT_GONE)
     os.environ[TREE_TAG_VARIABLE] = str(os.getpid())
@@ -102,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _apply_process_settings(init: protocol.Init) -> None:
-    if not init.core_dumps:
+    if init.core_dumps:
+        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    else:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if init.address_space_limit_mb:
         # Inherited by every process the job starts; each one gets the whole limit for itself.
@@ -252,6 +262,7 @@ class ChildRuntime:
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_death)
         reader = threading.Thread(target=self._read_frames, name="sandbox-runtime-reader", daemon=True)
         reader.start()
         self._connection.send(protocol.Ready(pid=os.getpid(), arity=self._arity))
@@ -268,6 +279,10 @@ class ChildRuntime:
             pass
         _flush_std_streams()
         os._exit(143 if self._terminating else 0)
+
+    def _on_parent_death(self, signum: int, frame: Any) -> None:
+        # The reader thread does the same when the socket closes; whichever runs first ends the tree.
+        self._end_process_tree()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self._terminating:
@@ -336,17 +351,20 @@ class ChildRuntime:
         job_fields["token"] = start.token
         job = SandboxedJob(job_fields, start.workdir, self._send_quietly)
         self._running = context
+        threads_before = set(threading.enumerate())
         try:
             if start.workdir:
                 os.chdir(start.workdir)
             self._send_quietly(protocol.Started(job_id=context.job_id))
             result = self._call_processor(job, start.token, context)
+            self._report_leftover_threads(context, threads_before)
             self._report_result(context, result)
         except JobTerminated:
             raise
         except SystemExit as exc:
             _exit_like_system_exit(exc)
         except BaseException as exc:
+            self._report_leftover_threads(context, threads_before)
             self._report_failure(context, exc)
         finally:
             self._running = None
@@ -384,6 +402,14 @@ class ChildRuntime:
                 except BaseException:
                     pass
             raise
+
+    def _report_leftover_threads(self, context: JobContext, before: set[threading.Thread]) -> None:
+        """Ask to be retired when the job left threads running: they would run on into the next job."""
+        leftovers = [thread for thread in threading.enumerate() if thread not in before and thread.is_alive()]
+        if leftovers:
+            names = ", ".join(sorted(thread.name for thread in leftovers))
+            detail = f"{len(leftovers)} thread(s) still running after the job: {names}"
+            self._send_quietly(protocol.Retire(job_id=context.job_id, detail=detail))
 
     def _report_result(self, context: JobContext, result: Any) -> None:
         try:

@@ -60,6 +60,7 @@ class JobRun:
         self.resources = HandedResources()
         self.started_at = time.monotonic()
         self.cancel_retryable = False
+        self.retire_child = False
         self._wake = asyncio.Event()
         self._pending_writes: list[asyncio.Task[Any]] = []
         self._cancel_sent_at: float | None = None
@@ -186,7 +187,12 @@ class JobRun:
         try:
             await child.send(protocol.Start(job=self._job_fields(), token=self.token, workdir=str(workdir)))
             verdict = await self._supervise(child)
-            reusable = verdict.kind in ("completed", "raised", "invalid") and self.ladder.step < Step.SIGTERM and child.is_alive
+            reusable = (
+                verdict.kind in ("completed", "raised", "invalid")
+                and self.ladder.step < Step.SIGTERM
+                and child.is_alive
+                and not self.retire_child
+            )
             return verdict
         finally:
             await self._end_leftovers(child, child_alive=reusable)
@@ -210,8 +216,10 @@ class JobRun:
 
     async def _supervise(self, child: ChildProcess) -> Verdict:
         limits = self.runner.config.sandbox
+        # The timeout counts from the start frame, so spawning a child and loading the processor
+        # do not use up the job's time.
         timeout_s, timeout_label = self._timeout()
-        timeout_at = self.started_at + timeout_s if timeout_s else None
+        timeout_at = time.monotonic() + timeout_s if timeout_s else None
         # Limits need frequent samples. Without a cgroup, samples also remember descendants, so that an
         # orphan re-parented to the supervisor is still known as part of the job.
         sample_every: float | None = None
@@ -277,7 +285,7 @@ class JobRun:
         if limits.memory_limit_mb:
             rss = child.tree.rss_bytes()
             if rss > limits.memory_limit_mb * MIB:
-                self.request_cancel(CancelCause.MEMORY, f"rss {rss / MIB:.0f} MiB > {limits.memory_limit_mb} MiB")
+                self.request_cancel(CancelCause.MEMORY, f"rss {rss / MIB:.1f} MiB > {limits.memory_limit_mb} MiB")
         elif child.cgroup is None:
             child.tree.members()  # remember descendants in case they are orphaned later
         if limits.cpu_time_limit_s:
@@ -300,6 +308,10 @@ class JobRun:
             return None
         if isinstance(message, protocol.AddResource):
             self._add_resource(message)
+            return None
+        if isinstance(message, protocol.Retire):
+            logger.info("job %s: %s; child pid %d will not be reused", self.job_id, message.detail, self.child.pid if self.child else -1)
+            self.retire_child = True
             return None
         if terminated or self.ladder.cause is CancelCause.LOCK_LOST:
             return None

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -386,6 +387,8 @@ class ChildPool:
         if self.sandbox.user is not None:
             options["user"] = self.sandbox.user
             options["extra_groups"] = []
+            # Without an explicit group the child would keep the supervisor's gid (0 for root).
+            options["group"] = pwd.getpwnam(self.sandbox.user).pw_gid
         if self.sandbox.group is not None:
             options["group"] = self.sandbox.group
         return command, options
