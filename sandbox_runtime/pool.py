@@ -330,9 +330,11 @@ class ChildPool:
                 child.kill()
                 await child.wait_exited(5.0)
         # Anything the child left behind (a daemon it started, say) goes with it.
-        leftovers = child.tree.alive(include_root=False)
-        if leftovers:
+        if child.tree.alive(include_root=False):
             child.tree.signal(signal.SIGKILL, include_root=False)
+            deadline = time.monotonic() + 5.0
+            while child.tree.alive(include_root=False) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         await self._discard(child)
 
     async def _discard(self, child: ChildProcess) -> None:

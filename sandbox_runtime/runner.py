@@ -131,9 +131,9 @@ class QueueRunner:
     def _on_lock_renewal_failed(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             run = self.runs.get(str(job_id))
-            if run is not None:
+            # The worker reports the same job on every renewal until the attempt ends: log the first.
+            if run is not None and run.request_cancel(CancelCause.LOCK_LOST, "lock renewal failed"):
                 logger.warning("lock renewal failed: queue=%s job=%s; stopping its child and writing nothing", self.name, job_id)
-                run.request_cancel(CancelCause.LOCK_LOST, "lock renewal failed")
 
     def _on_worker_error(self, error: Any, *args: Any) -> None:
         text = str(error)

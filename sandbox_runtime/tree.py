@@ -6,12 +6,15 @@ A job's processes are found three ways, and the union is used:
 - the child's process group (the child leads its own group);
 - descendants of the child, remembered across samples, because the supervisor is a child
   subreaper: an orphan whose parent exits is re-parented to the supervisor, not to init, and is
-  still recognised as part of the job.
+  still recognised as part of the job;
+- orphans re-parented to the supervisor that carry the child's pid in their environment
+  (``TREE_TAG_VARIABLE``), which finds a double-forked daemon that no sample saw.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -19,9 +22,16 @@ from pathlib import Path
 
 import psutil
 
+from child.runtime import TREE_TAG_VARIABLE
+
 logger = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
+
+# Cgroup directories of supervisors are named ``sandbox-runtime-<pid>-<n>``. The counter keeps two
+# supervisors embedded in one process apart, so each gets its own ``child-<n>`` leaves.
+_ROOT_PREFIX = "sandbox-runtime-"
+_root_numbers = itertools.count(1)
 
 
 def become_subreaper() -> bool:
@@ -53,7 +63,7 @@ class CgroupRoot:
             return None
         base = mount / own.lstrip("/")
         _remove_stale_roots(base)
-        path = base / f"sandbox-runtime-{os.getpid()}"
+        path = base / f"{_ROOT_PREFIX}{os.getpid()}-{next(_root_numbers)}"
         try:
             path.mkdir(exist_ok=True)
             probe = path / "probe"
@@ -146,12 +156,12 @@ def _own_cgroup_path() -> str | None:
 def _remove_stale_roots(base: Path) -> None:
     """Remove empty directories left by supervisors that died without cleaning up."""
     try:
-        candidates = list(base.glob("sandbox-runtime-*"))
+        candidates = list(base.glob(f"{_ROOT_PREFIX}*"))
     except OSError:
         return
     for root in candidates:
         try:
-            pid = int(root.name.rsplit("-", 1)[1])
+            pid = int(root.name[len(_ROOT_PREFIX):].split("-")[0])
         except ValueError:
             continue
         if pid == os.getpid() or psutil.pid_exists(pid):
@@ -179,7 +189,7 @@ class ProcessTree:
         """Return the live processes of the tree, remembering them for later samples."""
         found: dict[int, psutil.Process] = {}
         if self.cgroup is not None:
-            # Membership of the leaf is exact: nothing started in it can leave it.
+            # Membership of the leaf is exact: a process started in it stays unless a privileged process moves it.
             for pid in self.cgroup.pids():
                 _add(found, pid)
         else:
@@ -200,6 +210,7 @@ class ProcessTree:
             _add_children(found, root)
         for pid in self._group_members():
             _add(found, pid)
+        self._add_tagged_orphans(found)
         for pid, create_time in list(self._known.items()):
             if pid in found:
                 continue
@@ -209,6 +220,24 @@ class ProcessTree:
                 continue
             found[pid] = process
             # A remembered process may have started children of its own after it was orphaned.
+            _add_children(found, process)
+
+    def _add_tagged_orphans(self, found: dict[int, psutil.Process]) -> None:
+        """Add children of this supervisor that carry the child's tag, and their descendants."""
+        tag = str(self.root_pid)
+        try:
+            candidates = psutil.Process().children()
+        except psutil.Error:
+            return
+        for process in candidates:
+            if process.pid in found:
+                continue
+            try:
+                if process.environ().get(TREE_TAG_VARIABLE) != tag:
+                    continue
+            except psutil.Error:
+                continue
+            found[process.pid] = process
             _add_children(found, process)
 
     def _group_members(self) -> list[int]:
@@ -263,8 +292,13 @@ class ProcessTree:
                 self._known.pop(pid, None)
 
     def alive(self, include_root: bool = True) -> list[psutil.Process]:
+        """Return the members still running, after reaping the ones that exited."""
         self.reap()
-        return [p for p in self.members(include_root=include_root) if _status(p) != psutil.STATUS_ZOMBIE]
+        running = [p for p in self.members(include_root=include_root) if _status(p) != psutil.STATUS_ZOMBIE]
+        # A member may exit between the reap above and the listing, and then shows as a zombie or
+        # not at all. Reap again, so an empty result also means that no zombie is left behind.
+        self.reap()
+        return running
 
     def rss_bytes(self) -> int:
         total = 0
