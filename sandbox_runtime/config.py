@@ -91,6 +91,7 @@ class SandboxSettings:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     inherit_redis_env: bool = False
     core_dumps: bool = False
+    python: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.env, MappingProxyType):
@@ -350,6 +351,15 @@ def _path_string(key: str, value: Any) -> str:
     return value
 
 
+def _interpreter(key: str, value: Any) -> str:
+    """Check a Python interpreter path for the children: an existing executable file."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise _invalid(key, value, "an absolute path to a Python 3.11+ interpreter", _example_fix(key, "/usr/bin/python3.11"))
+    if not (os.path.isfile(value) and os.access(value, os.X_OK)):
+        raise ConfigError(key, f"invalid value {value!r}: no executable file at that path; install Python there or point {_leaf(key)} at one")
+    return value
+
+
 def _account(lookup: Callable[[str], Any], account_kind: str, *, example: str) -> Validator:
     """Build a validator for the name of an existing user account or group, checked with ``lookup``."""
 
@@ -496,6 +506,7 @@ _SANDBOX_FIELDS: dict[str, Validator] = {
     "env": _env_table,
     "inherit_redis_env": _boolean(example=False),
     "core_dumps": _boolean(example=False),
+    "python": _interpreter,
 }
 
 _QUEUE_NUMBER_FIELDS: dict[str, Validator] = {

@@ -281,6 +281,7 @@ class ChildPool:
         self.sandbox = sandbox
         self.size = size
         self._env = build_child_env(sandbox, redis_url)
+        self._python = sandbox.python or sys.executable
         self._sys_path = sys_path
         self._cgroup_root = cgroup_root
         self._idle: list[ChildProcess] = []
@@ -351,7 +352,7 @@ class ChildPool:
         except OSError as exc:
             parent_socket.close()
             account = f" as user {self.sandbox.user}" if self.sandbox.user else ""
-            raise ChildStartError(f"could not start {sys.executable}{account}: {exc}") from exc
+            raise ChildStartError(f"could not start {self._python}{account}: {exc}; set sandbox.python to an interpreter that account can run") from exc
         finally:
             child_socket.close()
         self.spawned += 1
@@ -375,7 +376,7 @@ class ChildPool:
         return child
 
     def _popen_arguments(self, child_fd: int) -> tuple[list[str], dict[str, Any]]:
-        command = [sys.executable, "-m", "child", "--fd", str(child_fd), "--parent", str(os.getpid())]
+        command = [self._python, "-m", "child", "--fd", str(child_fd), "--parent", str(os.getpid())]
         options: dict[str, Any] = dict(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -343,3 +343,18 @@ def test_address_space_limit_raises_memory_error(redis_url):
                 assert big.failedReason.startswith("MemoryError")
 
     run(scenario())
+
+
+def test_children_use_configured_interpreter(redis_url):
+    import sys as sys_module
+
+    interpreter = os.path.realpath(sys_module.executable)
+
+    async def scenario():
+        sandbox = {"python": interpreter}
+        async with supervised(redis_url, queue_config("q", f"{P}:report_interpreter", sandbox=sandbox)):
+            async with bull_queue(redis_url, "q") as queue:
+                job = await wait_for_state(queue, await add_job(queue))
+                assert job.returnvalue == interpreter
+
+    run(scenario())
