@@ -40,6 +40,8 @@ MAX_TRACEBACK_CHARS = 64 * 1024
 
 # Exit status used when the child ends itself because the supervisor is gone.
 EXIT_PARENT_GONE = 70
+# Exit status used when the child could not send a job's outcome over its protocol connection.
+EXIT_PROTOCOL_BROKEN = 71
 
 # Every process the child starts inherits this variable with the child's pid, so the supervisor can
 # recognise a descendant that left the child's process group and lost its parent (a double-forked
@@ -300,6 +302,7 @@ class ChildRuntime:
                 print(f"sandbox-runtime child: protocol connection failed: {exc}", file=sys.stderr)
                 message = None
             if message is None:
+                _note("protocol connection closed; ending the process tree")
                 self._end_process_tree()
                 return
             self._dispatch(message)
@@ -416,9 +419,9 @@ class ChildRuntime:
             self._connection.send(protocol.Completed(job_id=context.job_id, result=result))
         except (TypeError, ValueError, RecursionError) as exc:
             detail = f"{type(exc).__name__}: {_safe_str(exc)}"
-            self._send_quietly(protocol.ResultInvalid(job_id=context.job_id, detail=detail))
+            self._send_final(protocol.ResultInvalid(job_id=context.job_id, detail=detail))
         except OSError:
-            pass
+            self._end_after_broken_connection()
 
     def _report_failure(self, context: JobContext, exc: BaseException) -> None:
         message = protocol.Failed(
@@ -429,7 +432,21 @@ class ChildRuntime:
             unrecoverable=any(cls.__name__ == "UnrecoverableError" for cls in type(exc).__mro__),
             aborted=context.controller.signal.aborted,
         )
-        self._send_quietly(message)
+        self._send_final(message)
+
+    def _send_final(self, message: protocol.Message) -> None:
+        try:
+            self._connection.send(message)
+        except OSError:
+            self._end_after_broken_connection()
+
+    def _end_after_broken_connection(self) -> None:
+        """Exit: a child that cannot report its job's outcome must not wait for the next job.
+
+        The supervisor is alive in this case, so it kills whatever the job left behind.
+        """
+        _note("the protocol connection is broken; exiting")
+        os._exit(EXIT_PROTOCOL_BROKEN)
 
     def _send_quietly(self, message: protocol.Message) -> None:
         """Send ``message``; a closed connection is left to the reader thread to handle."""
@@ -454,6 +471,14 @@ def _exit_like_system_exit(exc: SystemExit) -> None:
         status = 1
     _flush_std_streams()
     os._exit(status)
+
+
+def _note(text: str) -> None:
+    """Write a line to stderr, which the supervisor logs; a closed stderr (supervisor gone) is ignored."""
+    try:
+        print(f"sandbox-runtime child: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _flush_std_streams() -> None:

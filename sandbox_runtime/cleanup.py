@@ -57,6 +57,28 @@ def default_workdir_root() -> Path:
     return Path(tempfile.gettempdir()) / "sandbox-runtime"
 
 
+def prepare_workdir_root(shared_root: Path) -> Path:
+    """Return this supervisor's own directory for job workdirs under ``shared_root``.
+
+    Supervisors share ``shared_root``; each uses ``supervisor-<pid>`` below it. Directories of
+    supervisors that are no longer running (killed before they could clean up) are removed here.
+    """
+    shared_root.mkdir(parents=True, exist_ok=True)
+    os.chmod(shared_root, 0o711)
+    for stale in shared_root.glob("supervisor-*"):
+        try:
+            pid = int(stale.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            logger.info("removing %s, left by a supervisor that is no longer running", stale)
+            remove_tree(stale)
+    own = shared_root / f"supervisor-{os.getpid()}"
+    own.mkdir(exist_ok=True)
+    os.chmod(own, 0o711)
+    return own
+
+
 def create_workdir(root: Path, queue: str, job_id: str, owner: tuple[int, int] | None) -> Path:
     """Create a fresh private directory for one job attempt, owned by ``owner`` (uid, gid) if given."""
     root.mkdir(parents=True, exist_ok=True)

@@ -256,12 +256,25 @@ def check_config_main(path: str, out: TextIO | None = None, err: TextIO | None =
     err = err if err is not None else sys.stderr
     try:
         config = load_config(path)
+        check_hooks_import(config)
     except ConfigError as exc:
         detail = " ".join(exc.detail.splitlines())
         print(f"error: {path}: {exc.key}: {detail}", file=err)
         return 2
     out.write(format_config(config))
     return 0
+
+
+def check_hooks_import(config: Config) -> None:
+    """Import every cleanup hook as ``serve`` does; raise ConfigError naming the first that fails.
+
+    Processors are not imported here: they load in the children, with the children's environment.
+    """
+    from .cleanup import load_hook
+
+    for index, queue in enumerate(config.queues):
+        for position, reference in enumerate(queue.cleanup):
+            load_hook(reference, f"queues[{index}].cleanup[{position}]")
 
 
 # --- value validators -------------------------------------------------------------------------

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+# How long a child that closed its protocol connection may take to exit before its tree is killed.
+PROTOCOL_EOF_GRACE_S = 2.0
 LOG_PREFIX = "sandbox-runtime: "
 
 
@@ -229,6 +231,7 @@ class JobRun:
             sample_every = 0.25
         next_sample = time.monotonic()
         cpu_at_start = child.tree.cpu_seconds() if limits.cpu_time_limit_s else 0.0
+        eof_deadline: float | None = None
 
         message_task = asyncio.ensure_future(child.messages.get())
         exit_task = asyncio.ensure_future(child.exited.wait())
@@ -242,9 +245,16 @@ class JobRun:
                 if sample_every is not None and now >= next_sample:
                     next_sample = now + sample_every
                     self._check_limits(child, cpu_at_start)
+                if eof_deadline is not None and now >= eof_deadline:
+                    eof_deadline = None
+                    if child.protocol_error is None:
+                        child.protocol_error = "protocol connection closed before the job ended"
+                    logger.warning("job %s: child pid %d closed its protocol connection; killing its tree", self.job_id, child.pid)
+                    child.tree.signal(signal.SIGKILL)
                 self.ladder.advance()
 
-                deadlines = [d for d in (self.ladder.next_deadline(), timeout_at, next_sample if sample_every else None) if d is not None]
+                candidates = (self.ladder.next_deadline(), timeout_at, next_sample if sample_every else None, eof_deadline)
+                deadlines = [d for d in candidates if d is not None]
                 wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
                 done, _ = await asyncio.wait({message_task, exit_task, wake_task}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
 
@@ -254,8 +264,10 @@ class JobRun:
                 if message_task in done:
                     message = message_task.result()
                     if message is None:
-                        # The child closed its end: only its exit remains to be seen.
+                        # The child closed its end, so it can no longer report: give it a moment
+                        # to exit by itself, then end its tree.
                         message_task = asyncio.get_running_loop().create_future()
+                        eof_deadline = time.monotonic() + PROTOCOL_EOF_GRACE_S
                     else:
                         message_task = asyncio.ensure_future(child.messages.get())
                         verdict = await self._handle_message(message)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import child as child_package
 from child import protocol
+from child.runtime import EXIT_PROTOCOL_BROKEN
 
 from .config import SandboxSettings
 from .errors import ChildStartError
@@ -52,6 +53,10 @@ class ProcessorSpec:
     @classmethod
     def from_processor(cls, processor: str | Callable[..., Any]) -> "ProcessorSpec":
         if isinstance(processor, str):
+            target, sep, attribute = processor.rpartition(":")
+            if sep and target.endswith(".py") and not os.path.isabs(target):
+                # Children start in "/", so a relative file is resolved against the supervisor's cwd.
+                processor = f"{os.path.abspath(target)}:{attribute}"
             return cls(reference=processor)
         import cloudpickle
 
@@ -118,6 +123,7 @@ class ChildProcess:
         self._tasks: list[asyncio.Task[None]] = []
         self._pidfd: int | None = None
         self._sends: set[asyncio.Task[bool]] = set()
+        self.protocol_error: str | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -164,6 +170,7 @@ class ChildProcess:
             pass
         except protocol.FrameError as exc:
             logger.error("child pid %d sent an invalid frame, stopping it: %s", self.pid, exc)
+            self.protocol_error = f"invalid protocol frame ({exc})"
             self.kill()
         finally:
             self.messages.put_nowait(None)
@@ -248,7 +255,11 @@ class ChildProcess:
 
     def describe_exit(self) -> str:
         """Return how the child ended, in the words of a job's failure reason."""
+        if self.protocol_error is not None:
+            return f"child crashed: {self.protocol_error}"
         code = self.returncode
+        if code == EXIT_PROTOCOL_BROKEN:
+            return "child crashed: protocol connection closed before the job ended"
         if code is None:
             return "child still running"
         if code < 0:

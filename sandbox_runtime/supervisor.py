@@ -21,14 +21,16 @@ from typing import Any
 
 import redis.asyncio as redis_asyncio
 
-from .cleanup import JobOutcome, default_workdir_root, load_hook
+from .cleanup import JobOutcome, default_workdir_root, load_hook, prepare_workdir_root, remove_tree
 from .config import Config, QueueConfig
 from .ladder import CancelCause
 from .pool import ChildPool, ProcessorSpec, sys_path_for_children
 from .runner import QueueRunner
-from .tree import CgroupRoot, become_subreaper
+from .tree import CgroupRoot, OrphanReaper, become_subreaper
 
 logger = logging.getLogger(__name__)
+
+ORPHAN_SWEEP_INTERVAL_S = 1.0
 
 
 class Supervisor:
@@ -49,6 +51,9 @@ class Supervisor:
         self._job_ended = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._started = False
+        self._reaper: OrphanReaper | None = None
+        self._workdir_root: Path | None = None
+        self._reaper_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "Supervisor":
         await self.start()
@@ -76,13 +81,16 @@ class Supervisor:
             logger.info("no Redis URL configured: started an embedded Redis at %s", self.redis_url)
         self._redis = redis_asyncio.from_url(self.redis_url)
         become_subreaper()
+        self._reaper = OrphanReaper(self._own_children)
+        self._reaper_task = asyncio.get_running_loop().create_task(self._reap_orphans(), name="orphan-reaper")
         self._cgroup_root = CgroupRoot.create()
 
         supervisor_settings = self.config.supervisor
-        workdir_root = Path(supervisor_settings.workdir_root) if supervisor_settings.workdir_root else default_workdir_root()
+        shared_root = Path(supervisor_settings.workdir_root) if supervisor_settings.workdir_root else default_workdir_root()
+        workdir_root = self._workdir_root = prepare_workdir_root(shared_root)
         extra_paths = [str(self.config.source.parent)] if self.config.source is not None else []
         for index, queue in enumerate(self.config.queues):
-            hooks = [load_hook(ref, f"queues[{index}].cleanup") for ref in queue.cleanup]
+            hooks = [load_hook(ref, f"queues[{index}].cleanup[{position}]") for position, ref in enumerate(queue.cleanup)]
             pool = ChildPool(
                 queue.name,
                 ProcessorSpec.from_processor(queue.processor),
@@ -121,6 +129,20 @@ class Supervisor:
             sweep_interval_s=self.config.supervisor.cancel_sweep_interval_s,
         )
         await self._control.start()
+
+    def _own_children(self) -> set[int]:
+        """Return the pids this supervisor waits for itself: its children and its embedded Redis."""
+        pids = {child.pid for runner in self.runners.values() for child in runner.pool.children}
+        if self._embedded is not None and self._embedded.pid is not None:
+            pids.add(self._embedded.pid)
+        return pids
+
+    async def _reap_orphans(self) -> None:
+        while True:
+            await asyncio.sleep(ORPHAN_SWEEP_INTERVAL_S)
+            reaped = self._reaper.sweep()
+            if reaped:
+                logger.debug("reaped %d exited orphan process(es)", reaped)
 
     # Cancellation API.
 
@@ -233,6 +255,11 @@ class Supervisor:
             logger.info("cancelling %d running job(s) for shutdown; they go back to waiting", count)
 
     async def _release(self) -> None:
+        if self._reaper_task is not None:
+            self._reaper_task.cancel()
+            # Two sweeps: the second reaps what the first saw, such as orphans of the last jobs.
+            self._reaper.sweep()
+            self._reaper.sweep()
         if self._control is not None:
             try:
                 await self._control.close()
@@ -242,6 +269,8 @@ class Supervisor:
             await self._redis.aclose()
         if self._cgroup_root is not None:
             self._cgroup_root.remove()
+        if self._workdir_root is not None:
+            remove_tree(self._workdir_root)
         if self._embedded is not None:
             self._embedded.stop()
 

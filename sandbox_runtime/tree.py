@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -361,3 +362,38 @@ def _is_running(process: psutil.Process) -> bool:
         return process.is_running()
     except psutil.Error:
         return False
+
+
+class OrphanReaper:
+    """Reap exited orphans that were re-parented to this process because it is a subreaper.
+
+    A double fork leaves a short-lived middle process that exits before any sample sees it; as a
+    subreaper, this process inherits it and must wait for it, or it stays a zombie. A zombie is
+    reaped only when two sweeps in a row find it, so a child that other code in this process is
+    about to wait for (a ``subprocess.Popen`` of the application, say) is left to that code.
+    """
+
+    def __init__(self, exclude: Callable[[], set[int]]) -> None:
+        self._exclude = exclude
+        self._seen: set[int] = set()
+        self.reaped = 0
+
+    def sweep(self) -> int:
+        """Reap the zombies seen by the previous sweep too; return how many were reaped."""
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return 0
+        zombies = {process.pid for process in children if _status(process) == psutil.STATUS_ZOMBIE}
+        zombies -= self._exclude()
+        reaped = 0
+        for pid in zombies & self._seen:
+            try:
+                waited, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if waited:
+                reaped += 1
+        self._seen = zombies
+        self.reaped += reaped
+        return reaped

@@ -91,10 +91,11 @@ def _fill_workdir(job: Any) -> None:
 # Cleanup tests.
 
 
-def _append_forever(path: str) -> None:
+def _append_forever(path: str, first_write: threading.Event) -> None:
     while True:
         with open(path, "a") as handle:
             handle.write("x\n")
+        first_write.set()
         time.sleep(0.01)
 
 
@@ -129,7 +130,10 @@ def workdir_job(job: Any, token: Any, signal: Any) -> Any:
         _ignore_everything()
         raise RuntimeError(f"still running after {SAFETY_LIMIT_S:g} s")
     if mode == "stray_thread":
-        threading.Thread(target=_append_forever, args=(job.data["stray"],), name="stray-writer", daemon=False).start()
+        first_write = threading.Event()
+        threading.Thread(target=_append_forever, args=(job.data["stray"], first_write), name="stray-writer", daemon=False).start()
+        # Raise only once the file has content, so the test can tell "stopped" from "never started".
+        first_write.wait(SAFETY_LIMIT_S)
         raise ValueError(f"job {job.id} raised and left a thread running")
     raise ValueError(f"unknown mode {mode!r}")
 

@@ -216,3 +216,28 @@ def allocate_mb(job):
 
 def report_interpreter(job):
     return os.path.realpath(sys.executable)
+
+
+def close_protocol_socket(job):
+    """Shut down the sending side of the protocol socket (the child's --fd argument) and return."""
+    import socket as socket_module
+
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    sock = socket_module.socket(fileno=os.dup(fd))
+    sock.shutdown(socket_module.SHUT_WR)
+    sock.close()
+    return "closed"
+
+
+def write_garbage_frame(job):
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    os.write(fd, b"\x00\x00\x00\x05hello")
+    time.sleep(30)
+
+
+def start_double_fork_daemon(job):
+    """Start a daemon through a short-lived middle process that exits at once."""
+    import subprocess
+
+    subprocess.run(["sh", "-c", "setsid sh -c 'sleep 300' >/dev/null 2>&1 < /dev/null &"], check=True)
+    return "started"

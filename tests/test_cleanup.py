@@ -162,7 +162,8 @@ def test_cleanup_after_every_outcome(redis_url, tmp_path, hook_records, caplog):
     for report_file in reports.glob("*.json"):
         report = json.loads(report_file.read_text())
         assert report["cwd"] == report["workdir"], report
-        assert Path(report["workdir"]).parent == workdir_root
+        # Each supervisor keeps its workdirs in a directory of its own under workdir_root.
+        assert Path(report["workdir"]).parent.parent == workdir_root
         assert not os.path.lexists(report["workdir"]), report
     assert workdirs_left(workdir_root) == []
     assert outside_file.read_text() == "must survive the workdir removal"

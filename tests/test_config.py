@@ -88,7 +88,7 @@ def test_full_file_queue_overrides() -> None:
     assert media.sandbox.inherit_redis_env is True
     assert media.sandbox.core_dumps is True
     assert dict(media.sandbox.env) == {"LANG": "C.UTF-8", "MODE": "media", "CODEC": "h264"}
-    assert media.cleanup == ("examples.hooks:remove_scratch", "examples.hooks:release_licence")
+    assert media.cleanup == ("tests.cleanup_hooks:record", "tests.cleanup_hooks:record_async")
 
 
 def test_full_file_queue_inherits_top_level() -> None:
@@ -108,7 +108,7 @@ def test_full_file_queue_inherits_top_level() -> None:
         inherit_redis_env=True,
         core_dumps=True,
     )
-    assert reports.cleanup == ("examples.hooks:remove_scratch",)
+    assert reports.cleanup == ("tests.cleanup_hooks:record",)
 
 
 def test_minimal_file_uses_defaults() -> None:
@@ -466,7 +466,7 @@ def test_format_config_lists_every_effective_value() -> None:
     assert text.count("[[queues]]") == 2
     assert "[queues.escalation]\ncancel_grace_s = 30.0\n" in text
     assert "[queues.escalation]\ncancel_grace_s = 20.0\n" in text
-    assert 'cleanup = ["examples.hooks:remove_scratch", "examples.hooks:release_licence"]' in text
+    assert 'cleanup = ["tests.cleanup_hooks:record", "tests.cleanup_hooks:record_async"]' in text
     assert 'log_level = "DEBUG"' in text
 
 

@@ -358,3 +358,37 @@ def test_children_use_configured_interpreter(redis_url):
                 assert job.returnvalue == interpreter
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    "processor, reason",
+    [
+        ("close_protocol_socket", "child crashed: protocol connection closed before the job ended"),
+        ("write_garbage_frame", "child crashed: invalid protocol frame"),
+    ],
+)
+def test_broken_protocol_fails_job(redis_url, processor, reason):
+    async def scenario():
+        async with supervised(redis_url, queue_config("q", f"{P}:{processor}")):
+            async with bull_queue(redis_url, "q") as queue:
+                job = await wait_for_state(queue, await add_job(queue), ["failed"])
+                assert job.failedReason.startswith(reason)
+
+    run(scenario())
+
+
+def test_double_fork_leaves_no_zombie(redis_url):
+    """The short-lived middle process of a double fork is re-parented to the supervisor and reaped."""
+
+    def zombies():
+        return [p.pid for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+
+    async def scenario():
+        async with supervised(redis_url, queue_config("q", f"{P}:start_double_fork_daemon")):
+            async with bull_queue(redis_url, "q") as queue:
+                for _ in range(3):
+                    job = await wait_for_state(queue, await add_job(queue))
+                    assert job.returnvalue == "started"
+                await wait_for(lambda: not zombies(), timeout=10, message="no zombie child processes")
+
+    run(scenario())
