@@ -138,9 +138,15 @@ class Ladder:
         self._take(Step.SIGKILL, self.clock())
 
     def advance(self) -> None:
-        """Take every step whose deadline has passed."""
-        while not self.exited and self._deadline is not None and self.clock() >= self._deadline:
-            self._take(Step(self.step + 1), self._deadline)
+        """Take every step whose deadline has passed.
+
+        Each grace period counts from the moment its step was taken. A driver that wakes late
+        therefore delays the later steps too, and never sends SIGTERM and SIGKILL back to back
+        unless ``term_grace_s`` is 0.
+        """
+        now = self.clock()
+        while not self.exited and self._deadline is not None and now >= self._deadline:
+            self._take(Step(self.step + 1), now)
 
     def next_deadline(self) -> float | None:
         """Clock time at which ``advance`` has work to do, or None."""

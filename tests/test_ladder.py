@@ -123,7 +123,9 @@ def test_history_records_steps_and_times():
     ladder, clock, actions = make_ladder()
 
     ladder.request(CancelCause.TIMEOUT, "2 s")
-    clock.advance(100.0)
+    clock.advance(10.0)
+    ladder.advance()
+    clock.advance(5.0)
     ladder.advance()
 
     assert [taken.step for taken in ladder.history] == [Step.COOPERATIVE, Step.SIGTERM, Step.SIGKILL]
@@ -212,11 +214,11 @@ def test_negative_grace_rejected():
         EscalationPolicy(cancel_grace_s=1, term_grace_s=-0.5)
 
 
-# -- deadlines come from the time a step was due, not from when advance() ran ------------------------
+# -- each grace counts from the moment its step was taken --------------------------------------------
 
 
-def test_late_advance_keeps_scheduled_deadlines():
-    """A driver that wakes late does not push the next deadline back by its own delay."""
+def test_late_advance_restarts_grace_from_step():
+    """A driver that wakes late gives the next step its whole grace period."""
     ladder, clock, actions = make_ladder()
 
     ladder.request(CancelCause.USER, "late driver")
@@ -224,19 +226,25 @@ def test_late_advance_keeps_scheduled_deadlines():
     ladder.advance()
 
     assert ladder.step is Step.SIGTERM
-    assert ladder.history[-1].at == START_TIME + CANCEL_GRACE_S
-    assert ladder.next_deadline() == START_TIME + CANCEL_GRACE_S + TERM_GRACE_S
+    assert ladder.history[-1].at == START_TIME + CANCEL_GRACE_S + 3.0
+    assert ladder.next_deadline() == START_TIME + CANCEL_GRACE_S + 3.0 + TERM_GRACE_S
 
 
-def test_late_advance_takes_all_due_steps():
+def test_very_late_advance_keeps_term_grace():
+    """Even an hour late, SIGKILL still waits term_grace_s after SIGTERM."""
     ladder, clock, actions = make_ladder()
 
     ladder.request(CancelCause.USER, "very late driver")
     clock.now = START_TIME + 3600.0
     ladder.advance()
 
+    assert actions.names == [DELIVER, TERMINATE]
+    assert [taken.at for taken in ladder.history] == [START_TIME, START_TIME + 3600.0]
+
+    clock.now += TERM_GRACE_S
+    ladder.advance()
+
     assert actions.names == [DELIVER, TERMINATE, KILL]
-    assert [taken.at for taken in ladder.history] == [START_TIME, START_TIME + 10.0, START_TIME + 15.0]
 
 
 def test_second_request_does_not_restart_grace():
