@@ -11,7 +11,6 @@ Threads:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import ctypes
 import importlib
@@ -40,6 +39,8 @@ MAX_TRACEBACK_CHARS = 64 * 1024
 
 # Exit status used when the child ends itself because the supervisor is gone.
 EXIT_PARENT_GONE = 70
+CHILD_SWITCH_INTERVAL_S = 0.001
+
 # Exit status used when the child could not send a job's outcome over its protocol connection.
 EXIT_PROTOCOL_BROKEN = 71
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(2)
 
     _apply_process_settings(init)
+    # The reader thread needs the GIL to abort a signal; with the default 5 ms switch interval a
+    # processor busy in Python code would see a cancel up to about 5 ms late.
+    sys.setswitchinterval(CHILD_SWITCH_INTERVAL_S)
     for entry in reversed(init.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -260,7 +264,7 @@ class ChildRuntime:
         self._contexts: dict[str, JobContext] = {}
         self._running: JobContext | None = None
         self._terminating = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: Any = None  # the asyncio event loop, created by the first async processor
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -390,6 +394,8 @@ class ChildRuntime:
         return result
 
     def _run_awaitable(self, awaitable: Any) -> Any:
+        import asyncio  # only async processors pay for it
+
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)

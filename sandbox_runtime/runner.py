@@ -25,6 +25,9 @@ from .pool import ChildPool, ProcessorSpec
 
 logger = logging.getLogger(__name__)
 
+# Time Worker.close() gets once no job runs; past it the worker's pending fetches are cancelled.
+WORKER_CLOSE_TIMEOUT_S = 15.0
+
 
 class QueueRunner:
     def __init__(
@@ -89,16 +92,34 @@ class QueueRunner:
 
     async def wait_closed(self) -> None:
         if self._close_task is not None:
-            while not self._close_task.done():
+            deadline = time.monotonic() + WORKER_CLOSE_TIMEOUT_S
+            while not self._close_task.done() and time.monotonic() < deadline:
                 self._interrupt_blocking_fetch()
                 await asyncio.wait({self._close_task}, timeout=0.05)
-            await self._close_task
+            if not self._close_task.done():
+                await self._cancel_stuck_fetches()
+            else:
+                await self._close_task
         if self._run_task is not None:
             try:
                 await asyncio.wait_for(self._run_task, 10.0)
             except (asyncio.TimeoutError, Exception) as exc:
                 logger.debug("worker loop of queue %s ended with %r", self.name, exc)
         await self.pool.close()
+
+    async def _cancel_stuck_fetches(self) -> None:
+        """Cancel what keeps Worker.close() from returning; no job runs by now, only fetches."""
+        logger.warning(
+            "queue %s: the bullmq worker did not close within %g s; cancelling its pending fetches",
+            self.name, WORKER_CLOSE_TIMEOUT_S,
+        )
+        stuck = [task for task in getattr(self.worker, "processing", ()) if not task.done()]
+        for task in stuck:
+            task.cancel()
+        await asyncio.wait({self._close_task}, timeout=5.0)
+        if not self._close_task.done():
+            logger.error("queue %s: the bullmq worker still did not close; leaving it", self.name)
+            self._close_task.cancel()
 
     def _interrupt_blocking_fetch(self) -> None:
         # bullmq 3.4.4's Worker.close() cancels the blocking BZPOPMIN only if it has already
@@ -159,6 +180,9 @@ class QueueRunner:
             self.runs.pop(run.job_id, None)
             self.supervisor.record_outcome(outcome)
         _log_outcome(outcome)
+        if run.ladder.cause is CancelCause.USER and outcome.cause is not CancelCause.USER:
+            # The job ended some other way (it returned first, say): its cancel record is spent.
+            await self.supervisor.clear_cancel_record(self.name, outcome.job_id)
         return await self._write_outcome(job, token, outcome)
 
     async def _watch_worker_signal(self, run: JobRun, signal: Any) -> None:
