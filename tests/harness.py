@@ -10,6 +10,7 @@ import time
 from typing import Any, AsyncIterator, Iterable
 
 import bullmq
+import psutil
 
 from sandbox_runtime import (
     Config,
@@ -117,3 +118,25 @@ async def _run_bounded(coroutine: Any, timeout: float) -> Any:
         stream.close()
     task.cancel()
     raise AssertionError(f"test scenario did not finish within {timeout} s; pending tasks printed to stderr")
+
+
+def identify(pid: int) -> tuple[int, float | None]:
+    """Return (pid, create time) so that a reused pid is never mistaken for the original process."""
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return pid, None
+
+
+def is_gone(identity: tuple[int, float | None]) -> bool:
+    """Return True when the process exited (a zombie counts) or its pid now names another process."""
+    pid, create_time = identity
+    if create_time is None:
+        return True
+    try:
+        process = psutil.Process(pid)
+        if abs(process.create_time() - create_time) > 0.01:
+            return True
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

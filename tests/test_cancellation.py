@@ -21,7 +21,7 @@ import redis.asyncio as redis_asyncio
 
 from sandbox_runtime.control import cancel_record_key, record_cancel
 from sandbox_runtime.ladder import CancelCause, Step
-from tests.harness import add_job, bull_queue, job_logs, queue_config, run, supervised, wait_for, wait_for_state
+from tests.harness import add_job, bull_queue, identify, is_gone, job_logs, queue_config, run, supervised, wait_for, wait_for_state
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +50,6 @@ async def read_pid(path: Path, timeout: float = 20.0) -> int:
 
 def ladder_lines(logs: list[str]) -> list[str]:
     return [line for line in logs if line.startswith(LADDER_PREFIX)]
-
-
-def identify(pid: int) -> tuple[int, float | None]:
-    """Return (pid, create time) so that a reused pid is never mistaken for the original process."""
-    try:
-        return pid, psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return pid, None
-
-
-def is_gone(identity: tuple[int, float | None]) -> bool:
-    """True when the process has exited: no such pid, a zombie, or the pid now names another process."""
-    pid, create_time = identity
-    if create_time is None:
-        return True
-    try:
-        process = psutil.Process(pid)
-        if process.create_time() != create_time:
-            return True
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def is_absent(identity: tuple[int, float | None]) -> bool:

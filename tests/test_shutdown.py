@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.cleanup_hooks import HOOK_RECORD_VARIABLE, read_records
-from tests.harness import add_job, bull_queue, run, wait_for, wait_for_state
+from tests.harness import add_job, bull_queue, identify, is_gone, run, wait_for, wait_for_state
 
 logger = logging.getLogger(__name__)
 
@@ -125,27 +125,6 @@ def serve_factory(tmp_path, redis_url, hook_records):
 async def read_report(path: Path, timeout: float = 30.0) -> dict:
     text = await wait_for(lambda: path.exists() and path.read_text(), timeout, f"report {path.name}")
     return json.loads(text)
-
-
-def identify(pid: int) -> tuple[int, float | None]:
-    try:
-        return pid, psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return pid, None
-
-
-def is_gone(identity: tuple[int, float | None]) -> bool:
-    """True when the process exited (a zombie counts) or its pid now names another process."""
-    pid, create_time = identity
-    if create_time is None:
-        return True
-    try:
-        process = psutil.Process(pid)
-        if abs(process.create_time() - create_time) > 0.01:
-            return True
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def summary_line(lines: list[str]) -> str:
