@@ -82,6 +82,7 @@ class SandboxSettings:
     """Limits and environment of the child processes of one queue."""
 
     max_jobs_per_child: int = 0
+    idle_timeout_s: float = 0.0
     memory_limit_mb: int = 0
     address_space_limit_mb: int = 0
     cpu_time_limit_s: float = 0.0
@@ -510,6 +511,7 @@ _ESCALATION_FIELDS: dict[str, Validator] = {
 
 _SANDBOX_FIELDS: dict[str, Validator] = {
     "max_jobs_per_child": _integer(0, example=100),
+    "idle_timeout_s": _number(0, example=300),
     "memory_limit_mb": _integer(0, example=512),
     "address_space_limit_mb": _integer(0, example=4096),
     "cpu_time_limit_s": _number(0, example=60),

@@ -119,6 +119,7 @@ class ChildProcess:
         self.current_job_id: str | None = None
         self.jobs_run = 0
         self.started_at = time.monotonic()
+        self.idle_since = self.started_at
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pidfd: int | None = None
@@ -314,6 +315,7 @@ class ChildPool:
         child.current_job_id = None
         limit = self.sandbox.max_jobs_per_child
         if reusable and child.is_alive and (limit == 0 or child.jobs_run < limit):
+            child.idle_since = time.monotonic()
             self._idle.append(child)
             return
         if reusable and limit and child.jobs_run >= limit:
@@ -321,6 +323,20 @@ class ChildPool:
         task = asyncio.get_running_loop().create_task(self._retire(child))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def retire_idle(self, now: float) -> int:
+        """Retire children idle for longer than ``sandbox.idle_timeout_s``; return how many."""
+        timeout = self.sandbox.idle_timeout_s
+        if not timeout:
+            return 0
+        expired = [child for child in self._idle if now - child.idle_since > timeout]
+        for child in expired:
+            self._idle.remove(child)
+            logger.info("retiring child pid %d of queue %s: idle for %g s (sandbox.idle_timeout_s)", child.pid, self.queue_name, timeout)
+            task = asyncio.get_running_loop().create_task(self._retire(child))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return len(expired)
 
     async def close(self) -> None:
         """Stop idle children and wait for retirements; busy children are the caller's to stop first."""

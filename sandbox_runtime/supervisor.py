@@ -30,7 +30,7 @@ from .tree import CgroupRoot, OrphanReaper, become_subreaper
 
 logger = logging.getLogger(__name__)
 
-ORPHAN_SWEEP_INTERVAL_S = 1.0
+HOUSEKEEPING_INTERVAL_S = 1.0
 
 
 class Supervisor:
@@ -82,7 +82,7 @@ class Supervisor:
         self._redis = redis_asyncio.from_url(self.redis_url)
         become_subreaper()
         self._reaper = OrphanReaper(self._own_children)
-        self._reaper_task = asyncio.get_running_loop().create_task(self._reap_orphans(), name="orphan-reaper")
+        self._reaper_task = asyncio.get_running_loop().create_task(self._housekeeping(), name="supervisor-housekeeping")
         self._cgroup_root = CgroupRoot.create()
 
         supervisor_settings = self.config.supervisor
@@ -137,12 +137,16 @@ class Supervisor:
             pids.add(self._embedded.pid)
         return pids
 
-    async def _reap_orphans(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Every second: reap adopted orphans and retire children idle past their queue's timeout."""
         while True:
-            await asyncio.sleep(ORPHAN_SWEEP_INTERVAL_S)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             reaped = self._reaper.sweep()
             if reaped:
                 logger.debug("reaped %d exited orphan process(es)", reaped)
+            now = time.monotonic()
+            for runner in self.runners.values():
+                runner.pool.retire_idle(now)
 
     # Cancellation API.
 

@@ -392,3 +392,19 @@ def test_double_fork_leaves_no_zombie(redis_url):
                 await wait_for(lambda: not zombies(), timeout=10, message="no zombie child processes")
 
     run(scenario())
+
+
+def test_idle_child_retired_after_timeout(redis_url):
+    async def scenario():
+        queue = queue_config("q", f"{P}:echo_pid", sandbox={"idle_timeout_s": 0.5})
+        async with supervised(redis_url, queue) as supervisor:
+            pool = supervisor.runners["q"].pool
+            async with bull_queue(redis_url, "q") as bull:
+                first = await wait_for_state(bull, await add_job(bull))
+                await wait_for(lambda: not pool.children, timeout=15, message="the idle child retired")
+                assert not psutil.pid_exists(first.returnvalue) or psutil.Process(first.returnvalue).status() == psutil.STATUS_ZOMBIE
+                second = await wait_for_state(bull, await add_job(bull))
+                assert second.returnvalue != first.returnvalue
+                assert pool.spawned == 2
+
+    run(scenario())
