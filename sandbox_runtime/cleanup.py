@@ -80,9 +80,10 @@ def prepare_workdir_root(shared_root: Path) -> Path:
 
 
 def create_workdir(root: Path, queue: str, job_id: str, owner: tuple[int, int] | None) -> Path:
-    """Create a fresh private directory for one job attempt, owned by ``owner`` (uid, gid) if given."""
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o711)
+    """Create a fresh private directory for one job attempt, owned by ``owner`` (uid, gid) if given.
+
+    ``root`` comes from ``prepare_workdir_root``, which created it once for this supervisor.
+    """
     prefix = _UNSAFE_NAME_CHARS.sub("_", f"{queue}-{job_id}")[:80] + "-"
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     if owner is not None:

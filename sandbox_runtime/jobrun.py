@@ -361,14 +361,10 @@ class JobRun:
         if not child_alive and child.is_alive:
             child.tree.signal(signal.SIGKILL)
             await child.wait_exited(10.0)
-        leftovers = child.tree.alive(include_root=False)
-        if leftovers:
-            logger.info("job %s left %d process(es) running; killing them", self.job_id, len(leftovers))
-            self._job_log(f"SIGKILL sent to {len(leftovers)} leftover process(es) the job started")
-            child.tree.signal(signal.SIGKILL, include_root=False)
-        deadline = time.monotonic() + 10.0
-        while child.tree.alive(include_root=False) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        killed = await child.kill_leftovers(10.0)
+        if killed:
+            logger.info("job %s left %d process(es) running; killed them", self.job_id, killed)
+            self._job_log(f"SIGKILL sent to {killed} leftover process(es) the job started")
         if not child_alive:
             await child.wait_exited(10.0)
 

@@ -234,6 +234,20 @@ class ChildProcess:
 
         self.tree.signal(signal.SIGKILL)
 
+    async def kill_leftovers(self, timeout_s: float) -> int:
+        """SIGKILL every process of the tree but the child itself; wait up to ``timeout_s`` until
+        they are gone and reaped. Return how many were running."""
+        import signal
+
+        leftovers = self.tree.alive(include_root=False)
+        if not leftovers:
+            return 0
+        self.tree.signal(signal.SIGKILL, include_root=False)
+        deadline = time.monotonic() + timeout_s
+        while self.tree.alive(include_root=False) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return len(leftovers)
+
     async def wait_exited(self, timeout: float | None = None) -> bool:
         try:
             await asyncio.wait_for(self.exited.wait(), timeout)
@@ -350,19 +364,13 @@ class ChildPool:
             await self._discard(child)
 
     async def _retire(self, child: ChildProcess) -> None:
-        import signal
-
         if child.is_alive:
             await child.send(protocol.Stop())
             if not await child.wait_exited(2.0):
                 child.kill()
                 await child.wait_exited(5.0)
         # Anything the child left behind (a daemon it started, say) goes with it.
-        if child.tree.alive(include_root=False):
-            child.tree.signal(signal.SIGKILL, include_root=False)
-            deadline = time.monotonic() + 5.0
-            while child.tree.alive(include_root=False) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        await child.kill_leftovers(5.0)
         await self._discard(child)
 
     async def _discard(self, child: ChildProcess) -> None:
