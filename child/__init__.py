@@ -1,4 +1,4 @@
-"""What runs inside a sandbox-runtime child process.
+"""The runtime of a sandbox-runtime child process, and the names processors may import.
 
 This package imports neither ``redis`` nor ``bullmq``. Every Redis write a processor requests goes
 through the supervisor over the pipe. Processors may import the names below.

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(2)
 
     _apply_process_settings(init)
-    # The reader thread needs the GIL to abort a signal; with the default 5 ms switch interval a
-    # processor busy in Python code would see a cancel up to about 5 ms late.
+    # The reader thread needs the GIL to abort a signal. With CPython's default 5 ms switch
+    # interval, a processor busy in Python code would observe a cancel up to about 5 ms late.
     sys.setswitchinterval(CHILD_SWITCH_INTERVAL_S)
     for entry in reversed(init.sys_path):
         if entry not in sys.path:

@@ -13,7 +13,7 @@ from .config import (
     SupervisorSettings,
     load_config,
 )
-from .errors import ChildStartError, ConfigError, ProtocolError, SandboxRuntimeError
+from .errors import ChildStartError, ConfigError, SandboxRuntimeError
 from .ladder import CancelCause, Step
 from .supervisor import Supervisor
 
@@ -24,7 +24,6 @@ __all__ = [
     "ConfigError",
     "EscalationSettings",
     "JobOutcome",
-    "ProtocolError",
     "QueueConfig",
     "RedisSettings",
     "SandboxRuntimeError",

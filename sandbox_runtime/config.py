@@ -46,7 +46,7 @@ def redact_url(url: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    """Where the supervisor finds Redis. ``url`` None means: start an embedded Redis."""
+    """The Redis the supervisor uses. ``url`` None means: start an embedded Redis."""
 
     url: str | None = None
     prefix: str = "bull"

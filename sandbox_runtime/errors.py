@@ -3,9 +3,14 @@
 Tree::
 
     SandboxRuntimeError
-    ├── ConfigError            a configuration file or value is invalid; names ``table.key``
-    ├── ChildStartError        a child process did not complete its READY handshake
-    └── ProtocolError          a child sent a frame the supervisor cannot decode
+    ├── ConfigError                 invalid configuration file or value; names ``table.key``
+    ├── ChildStartError             a child did not complete its READY handshake
+    ├── MalformedControlMessage     a control-channel message was rejected (in ``control``)
+    └── EmbeddedRedisError          the embedded redis-server did not start (in ``redis_server``)
+        └── PortInUseError          the requested port is taken
+
+A child that sends an invalid frame raises nothing in the supervisor: the job fails with
+``child crashed: invalid protocol frame (...)``.
 
 The exception raised *inside* a child to stop a processor lives in ``child.errors``
 (``JobTerminated``, derived from ``BaseException``), because the child imports nothing from
@@ -33,7 +38,3 @@ class ConfigError(SandboxRuntimeError, ValueError):
 
 class ChildStartError(SandboxRuntimeError):
     """A child process exited or timed out before it reported READY."""
-
-
-class ProtocolError(SandboxRuntimeError):
-    """A frame from a child could not be decoded or had an unknown kind."""

@@ -138,7 +138,7 @@ class Supervisor:
         return pids
 
     async def _housekeeping(self) -> None:
-        """Every second: reap adopted orphans and retire children idle past their queue's timeout."""
+        """Reap adopted orphans and retire children idle past their queue's timeout, every second."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             reaped = self._reaper.sweep()

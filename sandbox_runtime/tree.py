@@ -367,7 +367,7 @@ def _is_running(process: psutil.Process) -> bool:
 class OrphanReaper:
     """Reap exited orphans that were re-parented to this process because it is a subreaper.
 
-    A double fork leaves a short-lived middle process that exits before any sample sees it; as a
+    A double fork leaves a short-lived middle process that exits before any sample finds it. As a
     subreaper, this process inherits it and must wait for it, or it stays a zombie. A zombie is
     reaped only when two sweeps in a row find it, so a child that other code in this process is
     about to wait for (a ``subprocess.Popen`` of the application, say) is left to that code.
